@@ -1,0 +1,40 @@
+# Two commands do all the set-up on a fresh machine (see README):
+#   make demo   -- creates .venv, installs everything, runs the end-to-end demo on generated data (CPU)
+#   make test   -- creates .venv, installs everything, runs the test suite (CPU, simulated devices)
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+WORKDIR ?= runs/demo
+PYTEST_ARGS ?=
+
+.PHONY: venv demo test lint faults bench-quick clean
+
+$(STAMP): requirements.txt requirements-dev.txt
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV) || { \
+	  echo "python3 -m venv failed; installing Debian's python3-venv"; \
+	  (apt-get update -qq && apt-get install -y -qq python3-venv) && $(PY) -m venv $(VENV); }
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -r requirements-dev.txt
+	# torchvision has no CPU build on the registries: the wheel matching torch 2.13 is installed without
+	# its CUDA dependencies; tests/reference.py registers its two custom op schemas before import.
+	$(BIN)/pip install -q --no-deps torchvision==0.28.0
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m launch.demo --workdir $(WORKDIR)
+
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -n 2 --timeout 900 $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+faults: $(STAMP)
+	$(BIN)/python -m pytest -m faults tests/faults
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache

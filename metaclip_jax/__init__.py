@@ -1,0 +1,1 @@
+"""metaclip-jax: MetaCLIP curation and CLIP / Llip training and evaluation in JAX."""
