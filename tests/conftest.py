@@ -6,7 +6,7 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-from absl import flags  # noqa: E402
+from absl import flags
 
 # Grain reads absl flags; mark them parsed so library code works under pytest.
 if not flags.FLAGS.is_parsed():
