@@ -85,6 +85,13 @@ def test_preset_matches_open_clip_named_config():
             assert ours["text_cfg"][k] == ref["text_cfg"][k], (name, k)
 
 
+@pytest.mark.parametrize("name", ["ViT-S-32", "ViT-M-16", "ViT-B-32-quickgelu"])
+def test_param_count_equals_open_clip_model(name):
+    open_clip, torch = import_open_clip()
+    ref = open_clip.create_model(name)
+    assert presets.param_count(name) == sum(p.numel() for p in ref.parameters())
+
+
 def test_state_dict_file_roundtrip_and_mismatch(tmp_path):
     open_clip, torch = import_open_clip()
     cfg = presets.get_config("test-tiny", activation="quick_gelu")
