@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 WORKDIR ?= runs/demo
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test lint faults bench-quick clean
+.PHONY: venv beam-venv demo test lint faults clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV) || { \
@@ -24,12 +24,25 @@ $(STAMP): requirements.txt requirements-dev.txt
 	  || echo "note: wordnet-base not installed; the WordNet metadata tests will skip"
 	touch $(STAMP)
 
+# Apache Beam conflicts with the main environment's protobuf/pyarrow pins: it gets its own venv, used by
+# tests/test_curation_beam.py (Beam DirectRunner vs the local runner).
+BEAM_VENV ?= .venv-beam
+BEAM_STAMP := $(BEAM_VENV)/.installed
+
+$(BEAM_STAMP): requirements-beam.txt
+	@test -x $(BEAM_VENV)/bin/python || $(PY) -m venv $(BEAM_VENV)
+	$(BEAM_VENV)/bin/pip install -q --upgrade pip
+	$(BEAM_VENV)/bin/pip install -q -r requirements-beam.txt
+	touch $(BEAM_STAMP)
+
 venv: $(STAMP)
+
+beam-venv: $(BEAM_STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python -m launch.demo --workdir $(WORKDIR)
 
-test: $(STAMP)
+test: $(STAMP) $(BEAM_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -n 2 --timeout 900 $(PYTEST_ARGS)
 
@@ -40,4 +53,4 @@ faults: $(STAMP)
 	$(BIN)/python -m pytest -m faults tests/faults
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(BEAM_VENV) runs .pytest_cache .ruff_cache
