@@ -19,6 +19,8 @@ $(STAMP): requirements.txt requirements-dev.txt
 	# torchvision has no CPU build on the registries: the wheel matching torch 2.13 is installed without
 	# its CUDA dependencies; tests/reference.py registers its two custom op schemas before import.
 	$(BIN)/pip install -q --no-deps torchvision==0.28.0
+	# clip-benchmark ships the zero-shot class names and templates (JSON); its heavy deps are not needed.
+	$(BIN)/pip install -q --no-deps clip-benchmark==1.6.2
 	# WordNet 3.0 for the offline metadata build (Debian); its tests skip when it cannot be installed.
 	@test -d /usr/share/wordnet || (apt-get update -qq && apt-get install -y -qq wordnet-base) \
 	  || echo "note: wordnet-base not installed; the WordNet metadata tests will skip"
