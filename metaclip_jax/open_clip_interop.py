@@ -265,7 +265,7 @@ def params_to_open_clip(params: Mapping[str, Any], cfg: CLIPConfig) -> dict[str,
         sd["logit_bias"] = params["logit_bias"]
     sd.update(_tower_to_torch(v["transformer"], "visual.transformer.resblocks."))
     sd.update(_tower_to_torch(t["transformer"], "transformer.resblocks."))
-    return {k: np.ascontiguousarray(np.asarray(x, np.float32)) for k, x in sd.items()}
+    return {k: np.array(x, np.float32, order="C") for k, x in sd.items()}  # keeps 0-d logit_scale
 
 
 def open_clip_model_config(cfg: CLIPConfig) -> dict[str, Any]:

@@ -11,7 +11,9 @@ four times across Flax releases, and eager-sharding when set): one local functio
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+import contextvars
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -150,3 +152,34 @@ def replicated_fraction(shardings: Any, shapes: Any, itemsize: int = 4) -> float
         if all(p is None for p in sh.spec):
             replicated += n
     return replicated / max(total, 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Activation sharding: model code marks activations with logical names (``constrain(x, ("batch", None,
+# None))``); inside ``activation_sharding(mesh, rules)`` (entered by the train step while it traces) that
+# becomes a ``with_sharding_constraint``, elsewhere (eager use, evaluation, tests) a no-op. Without these
+# marks GSPMD may resolve an einsum whose batch and contracting dims share a mesh axis (FSDP: batch over
+# ``fsdp``, weights' width over ``fsdp``) by gathering the activations instead of the weights.
+
+_ACTIVATION_CTX: contextvars.ContextVar[tuple[Mesh, Mapping[str, Any]] | None] = contextvars.ContextVar(
+    "metaclip_activation_sharding", default=None)
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh, rules: Mapping[str, Any] | None = None) -> Iterator[None]:
+    """Within this context, ``constrain`` pins activations to ``rules`` on ``mesh``."""
+    token = _ACTIVATION_CTX.set((mesh, DEFAULT_RULES if rules is None else rules))
+    try:
+        yield
+    finally:
+        _ACTIVATION_CTX.reset(token)
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+    """``with_sharding_constraint`` by logical axis names inside ``activation_sharding``; else ``x``."""
+    ctx = _ACTIVATION_CTX.get()
+    if ctx is None:
+        return x
+    mesh, rules = ctx
+    spec = _divisible(x.shape, logical_to_spec(tuple(axes), rules, mesh), mesh)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from metaclip_jax.sharding import LOGICAL_AXES_KEY
+from metaclip_jax.sharding import LOGICAL_AXES_KEY, constrain
 
 LN_EPS = 1e-5  # PyTorch / open_clip LayerNorm epsilon (Flax's default is 1e-6)
 
@@ -120,15 +120,18 @@ class Transformer(nnx.Module):
 
         def block(x: jax.Array, p: dict[str, jax.Array]) -> tuple[jax.Array, None]:
             c = lambda a: a.astype(dtype)
+            x = constrain(x, ("batch", None, None))   # keep activations batch-sharded (see sharding.py)
             h = c(layer_norm(x, p["ln1_scale"], p["ln1_bias"]))
             qkv = jnp.einsum("bsw,wthd->tbshd", h, c(p["qkv_kernel"])) + c(p["qkv_bias"])[:, None, None]
+            qkv = constrain(qkv, (None, "batch", None, "heads", None))
             o = jax.nn.dot_product_attention(qkv[0], qkv[1], qkv[2], is_causal=causal, implementation=impl)
             o = jnp.einsum("bshd,hdw->bsw", o, c(p["out_kernel"])) + c(p["out_bias"])
             x = x + o.astype(jnp.float32)
             h = c(layer_norm(x, p["ln2_scale"], p["ln2_bias"]))
             h = act_fn(jnp.einsum("bsw,wm->bsm", h, c(p["fc_kernel"])) + c(p["fc_bias"]))
+            h = constrain(h, ("batch", None, "mlp"))
             h = jnp.einsum("bsm,mw->bsw", h, c(p["proj_kernel"])) + c(p["proj_bias"])
-            return x + h.astype(jnp.float32), None
+            return constrain(x + h.astype(jnp.float32), ("batch", None, None)), None
 
         if remat != "none":
             if remat not in REMAT_POLICIES:
