@@ -302,7 +302,10 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
             if not isinstance(value, dict):
                 raise ConfigError(f"{key} is a section; give a dict literal, got {text!r}")
         else:
-            value = parse_value(text, field if isinstance(field, Field) else None, current)
+            try:
+                value = parse_value(text, field if isinstance(field, Field) else None, current)
+            except (ValueError, TypeError) as e:
+                raise ConfigError(f"config.{key}: {e}") from None
         _set(node, leaf, value)
 
 
