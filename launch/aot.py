@@ -107,25 +107,6 @@ def topology_devices(gen: str, dims: tuple[int, ...]) -> list[Any]:
         chips_per_host_bounds=host, num_slices=1).devices)
 
 
-def forward_flops_per_example(cfg: Any) -> float:
-    """Matmul FLOPs (2 per multiply-add) of one example through both towers, as open_clip's profile counts
-    them (ViT-B/32: 14.78 GFLOPs = 8.82 image + 5.96 text). Attention is counted in full (S^2)."""
-
-    def tower(s: int, w: int, m: int, layers: int) -> float:
-        return layers * (2 * s * w * 3 * w + 4 * s * s * w + 2 * s * w * w + 4 * s * w * m)
-
-    v, t = cfg.vision, cfg.text
-    n_patch = v.grid * v.grid
-    image = 2 * n_patch * 3 * v.patch_size**2 * v.width + tower(v.seq_len, v.width, v.mlp_dim, v.layers)
-    image += 2 * v.width * cfg.embed_dim
-    text = tower(t.context_length, t.width, t.mlp_dim, t.layers) + 2 * t.width * cfg.embed_dim
-    return float(image + text)
-
-
-# Forward passes per training step: forward + backward (2x) + one recompute of the forward under full remat.
-_PASSES = {"none": 3.0, "full": 4.0, "dots": 3.0, "dots_no_batch": 3.0}
-
-
 def _mesh(config: Any, devices: list[Any]) -> Any:
     import numpy as np
     from jax.experimental import mesh_utils
@@ -146,6 +127,7 @@ def aot_compile(config: Any, topology: str) -> dict[str, Any]:
     import jax
 
     from metaclip_jax import config_schema
+    from metaclip_jax.flops import forward_flops_per_example, train_step_flops
     from metaclip_jax.models import registry
     from train.state import abstract_train_state
     from train.step import batch_sharding, make_train_step
@@ -181,9 +163,7 @@ def aot_compile(config: Any, topology: str) -> dict[str, Any]:
     bytes_accessed = float(cost.get("bytes accessed", 0.0))
     n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state.params))
     arch = registry.get_model_type(config.model.type).model_config(config)
-    e = arch.embed_dim
-    loss_flops = 2 * 2 * b * b * e * 3 / chips           # both directions, forward + backward
-    flops = _PASSES[config.model.remat] * forward_flops_per_example(arch) * b / chips + loss_flops
+    flops = train_step_flops(arch, b, config.model.remat) / chips
     roofline = max(flops / chip.peak_bf16_flops, bytes_accessed / chip.hbm_bandwidth)
     return {
         "config_preset": config.model.preset, "topology": f"{gen}:{'x'.join(map(str, dims))}", "chips": chips,

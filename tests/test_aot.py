@@ -35,16 +35,6 @@ def test_parse_topology():
             parse_topology(bad)
 
 
-def test_forward_flops_match_spec_table():
-    from launch.aot import forward_flops_per_example
-    from metaclip_jax.models import presets
-
-    # metaclip.md §7: forward GFLOPs per sample (open_clip model_profile.csv).
-    for name, gflops in [("ViT-B-32", 14.78), ("ViT-B-16", 41.09), ("ViT-L-14", 175.33), ("ViT-H-14", 381.68),
-                         ("ViT-bigG-14", 1065.36)]:
-        assert forward_flops_per_example(presets.get_config(name)) / 1e9 == pytest.approx(gflops, abs=0.01)
-
-
 def test_mesh_that_does_not_fit_fails_before_compile():
     r = _run("--config", "configs/tiny.py", "--topology", "v5e:2x2", "--config.mesh.data=8", timeout=300)
     assert r.returncode == 1, r.stderr[-2000:]

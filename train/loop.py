@@ -137,14 +137,15 @@ def _poison(state: Any) -> Any:
     return state.replace(params=jax.tree.map(nan_like, state.params))
 
 
-def _compile_step(train_step: Callable, state: Any, batch: Any) -> tuple[Callable, float | None]:
-    """AOT-compile the step for its FLOPs; return a callable that uses the compiled executable."""
+def _compile_step(config: Any, train_step: Callable, state: Any, batch: Any
+                  ) -> tuple[Callable, float | None]:
+    """AOT-compile the step; return a callable that uses the compiled executable and the model FLOPs."""
     try:
         compiled = train_step.lower(state, batch).compile()
     except Exception as e:  # not a jax.jit object: no AOT, no MFU
         log.info("step: AOT compile unavailable (%s); MFU not reported", e)
         return train_step, None
-    flops = metrics_lib.step_flops(compiled)
+    flops = metrics_lib.model_flops_per_device(config)
     fallback: list[bool] = []
 
     def run(state: Any, batch: Any) -> Any:
@@ -319,7 +320,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
                 chrono.add_data_wait(time.perf_counter() - t0)
                 if run_step is None:
                     chrono.pause()
-                    run_step, flops = _compile_step(train_step, state, batch)
+                    run_step, flops = _compile_step(config, train_step, state, batch)
                     log.info("step: compiled (%.3g FLOPs per device per step)", flops or float("nan"))
                     chrono.resume()
                 if nan_step is not None and step + 1 == int(nan_step):

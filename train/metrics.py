@@ -2,8 +2,8 @@
 
 * ``Chrono``: wall-clock accounting that survives preemption (train seconds, examples seen, data wait),
   saved in every checkpoint and restored with it (big_vision's ``Chrono``).
-* ``step_flops`` / ``peak_flops_per_device``: the MFU estimate (spec metaclip.md §6.13): FLOPs of the
-  compiled, SPMD-partitioned step (per device) / wall step time / peak FLOP/s of one device.
+* ``model_flops_per_device`` / ``peak_flops_per_device``: the MFU estimate (spec metaclip.md §6.13): model
+  FLOPs of one step per device (analytic, ``metaclip_jax.flops``) / wall step time / peak FLOP/s of a device.
 * ``check_finite``: a non-finite loss (or any other watched metric) stops the run with a clear message.
 * ``MetricWriter``: TensorBoard event files (tensorboardX) + ``metrics.jsonl`` (process 0 only) and a
   PNG of the training curves at the end (matplotlib Agg).
@@ -65,19 +65,17 @@ def check_finite(step: int, metrics: Mapping[str, Any], names: Iterable[str] = W
 
 # ---------------------------------------------------------------------------------------------- FLOPs
 
-def step_flops(compiled: Any) -> float | None:
-    """FLOPs of one compiled step *per device* (XLA cost analysis of the partitioned module), or None."""
-    try:
-        ca = compiled.cost_analysis()
-    except Exception as e:  # some backends do not implement it
-        log.info("cost_analysis unavailable: %s", e)
-        return None
-    if isinstance(ca, list | tuple):
-        ca = ca[0] if ca else None
-    if not ca or "flops" not in ca:
-        return None
-    flops = float(ca["flops"])
-    return flops if flops > 0 else None
+def model_flops_per_device(config: Any) -> float:
+    """Model FLOPs of one step per device (``metaclip_jax.flops``: XLA's cost analysis counts a scanned layer
+    once, so it cannot be used for MFU). Llip's pair head is not included (an underestimate for Llip)."""
+    import jax
+
+    from metaclip_jax.flops import train_step_flops
+    from metaclip_jax.models import registry
+
+    arch = registry.get_model_type(config.model.type).model_config(config)
+    total = train_step_flops(arch, int(config.data.global_batch_size), str(config.model.remat))
+    return total / jax.device_count()
 
 
 def peak_flops_per_device(configured: float | None = None, device: Any = None) -> float | None:
