@@ -37,6 +37,16 @@ $(BEAM_STAMP): requirements-beam.txt
 	$(BEAM_VENV)/bin/pip install -q -r requirements-beam.txt
 	touch $(BEAM_STAMP)
 
+# libtpu (from PyPI, the version jax[tpu] pins) lets launch.aot compile for TPU topologies on this CPU machine.
+# It lives outside .venv: installed there, every jax import would probe for TPUs.
+TPU_DIR ?= .venv-tpu
+TPU_STAMP := $(TPU_DIR)/.installed
+
+$(TPU_STAMP): $(STAMP)
+	$(BIN)/pip install -q --no-deps --target $(TPU_DIR) "$$($(BIN)/python -c "import importlib.metadata as m; \
+	  print([r for r in m.requires('jax') if r.startswith('libtpu')][0].split(';')[0])")"
+	touch $(TPU_STAMP)
+
 venv: $(STAMP)
 
 beam-venv: $(BEAM_STAMP)
@@ -44,7 +54,7 @@ beam-venv: $(BEAM_STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m launch.demo --workdir $(WORKDIR)
 
-test: $(STAMP) $(BEAM_STAMP)
+test: $(STAMP) $(BEAM_STAMP) $(TPU_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -n 2 --timeout 900 $(PYTEST_ARGS)
 
@@ -55,4 +65,4 @@ faults: $(STAMP)
 	$(BIN)/python -m pytest -m faults tests/faults
 
 clean:
-	rm -rf $(VENV) $(BEAM_VENV) runs .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(BEAM_VENV) $(TPU_DIR) runs .pytest_cache .ruff_cache
