@@ -14,7 +14,7 @@ from flax import nnx
 from PIL import Image, ImageDraw
 
 from evaluate import metrics, registry, retrieval, tasks, zeroshot
-from evaluate.scoring import CLIP_SCORING, LlipScoring, llip_attend, scoring_for
+from evaluate.scoring import CLIP_SCORING, ScoringModel, scoring_for
 from metaclip_jax.sharding import make_mesh
 from metaclip_jax.tokenizer import ClipTokenizer
 
@@ -160,33 +160,9 @@ def test_retrieval_chunked_matches_unchunked_and_brute_force(use_mesh: bool) -> 
 
 # ------------------------------------------------------------------------------------ Llip adapter
 
-class FakeLlip(nnx.Module):
-    """A tiny text-conditioned model with Llip's interface (K mixture tokens, H heads)."""
-
-    def __init__(self, k: int = 4, d: int = 16, heads: int = 4, vocab: int = 49408, *, rngs: nnx.Rngs):
-        self.cfg = SimpleNamespace(vision=SimpleNamespace(image_size=16))
-        self.num_heads = heads
-        self.k, self.d = k, d
-        self.wk = nnx.Param(jax.random.normal(rngs.params(), (3, k * d)))
-        self.wv = nnx.Param(jax.random.normal(rngs.params(), (3, k * d)))
-        self.emb = nnx.Param(jax.random.normal(rngs.params(), (vocab, d)))
-        self.wq = nnx.Param(jax.random.normal(rngs.params(), (d, d)))
-        self.wz = nnx.Param(jax.random.normal(rngs.params(), (d, d)))
-        self.out_proj = nnx.Param(jax.random.normal(rngs.params(), (d, d)) / 4)
-
-    def encode_image_tokens(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
-        x = images.astype(jnp.float32).mean(axis=(1, 2)) / 255.0 - 0.5
-        b = x.shape[0]
-        return ((x @ self.wk[...]).reshape(b, self.k, self.d), (x @ self.wv[...]).reshape(b, self.k, self.d))
-
-    def encode_text_query(self, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
-        mask = (tokens > 0).astype(jnp.float32)[..., None]
-        h = (self.emb[...][tokens] * mask).sum(1) / mask.sum(1)
-        return h @ self.wq[...], h @ self.wz[...]
-
-
 def numpy_llip_score(kmat, vmat, q, z, out_proj, tau, heads):
-    """Spec llip.md §2.3, written as loops."""
+    """Spec llip.md §2.3, written as loops. ``kmat, vmat [Ni, K, D]``, ``q [Nt, D]``, ``z [Nt, D]``; head h
+    is the feature slice ``[h*D/H, (h+1)*D/H)``; ``out_proj`` is applied as ``concat_h(o) @ W``."""
     ni, k, d = kmat.shape
     dh = d // heads
     s = np.zeros((ni, len(q)))
@@ -205,50 +181,74 @@ def numpy_llip_score(kmat, vmat, q, z, out_proj, tau, heads):
     return s
 
 
+def _merge_heads(x):
+    """The real model's head-split tensors in the reference's [.., D] layout: ``[B, H, K, d] -> [B, K, H*d]``
+    (keys / values), ``[B, H, d] -> [B, H*d]`` (queries)."""
+    x = np.asarray(x, np.float64)
+    if x.ndim == 4:
+        x = x.transpose(0, 2, 1, 3)
+    return x.reshape(*x.shape[:-2], -1)
+
+
 def test_llip_adapter_classifier_and_pairs() -> None:
-    model = FakeLlip(rngs=nnx.Rngs(1))
+    """The generic evaluator paths (build_classifier, score / score_pairs, chunked retrieval) on the real
+    Llip model through ``scoring_for`` (its ``LlipHeadScoring``), against independent computations."""
+    from metaclip_jax.models.llip import Llip, LlipHeadScoring, get_llip_config
+
+    model = Llip(get_llip_config("llip-test-tiny"), rngs=nnx.Rngs(1))
+    cfg = model.cfg
+    heads, size = cfg.num_heads, cfg.vision.image_size
     scoring = scoring_for(model)
-    assert isinstance(scoring, LlipScoring) and scoring.has_temperature
+    assert isinstance(scoring, LlipHeadScoring) and isinstance(scoring, ScoringModel)
+    assert scoring.has_temperature and scoring_for(model) is scoring
     rng = np.random.default_rng(0)
-    images = jnp.asarray(rng.integers(0, 255, (5, 16, 16, 3), dtype=np.uint8))
+    images = jnp.asarray(rng.integers(0, 255, (5, size, size, 3), dtype=np.uint8))
     tok = ClipTokenizer()
     names = ["cat", "dog", "car", "tree"]
     img_side = scoring.image_embed(model, images)
+    assert img_side[0].shape == (5, heads, cfg.num_tokens, cfg.embed_dim // heads)
+    kmat, vmat = (_merge_heads(x) for x in img_side)
+    w_o = np.asarray(model.out_proj[...], np.float64)
+    p = model.head_params()
+    prompts = jnp.asarray(tok([f"a photo of a {n}." for n in names]))
+    q, z = model.encode_text_query(prompts)
+    text_side = scoring.text_embed(model, prompts)
+    # one template: the classifier equals direct pair scoring (spec evaluation.md §12.5)
+    cls_side = zeroshot.build_classifier(model, scoring, names, ["a photo of a {c}."], tok, batch_size=2)
     for tau in (1.0, 5.0):
-        # one template: the classifier equals direct pair scoring (spec evaluation.md §12.5)
-        cls_side = zeroshot.build_classifier(model, scoring, names, ["a photo of a {c}."], tok, batch_size=2)
         logits = np.asarray(scoring.score(model, img_side, cls_side, tau))
-        q, z = model.encode_text_query(jnp.asarray(tok([f"a photo of a {n}." for n in names])))
-        kmat, vmat = (np.asarray(x) for x in img_side)
-        want = numpy_llip_score(kmat, vmat, np.asarray(q), np.asarray(z), np.asarray(model.out_proj[...]),
-                                tau, 4)
+        want = numpy_llip_score(kmat, vmat, _merge_heads(q), np.asarray(z, np.float64), w_o, tau, heads)
         np.testing.assert_allclose(logits, want, atol=1e-4)
-        text_side = scoring.text_embed(model, jnp.asarray(tok([f"a photo of a {n}." for n in names])))
+        direct = np.asarray(model.pair_logits_direct(*img_side, q, z, tau=tau))
+        np.testing.assert_allclose(logits, (direct - float(p["bias"])) / float(p["scale"]), atol=1e-4)
         for c in range(len(names)):
             one = jax.tree.map(lambda x, c=c: jnp.repeat(x[c:c + 1], 5, 0), text_side)
             pair = scoring.score_pairs(model, img_side, one, tau)
             np.testing.assert_allclose(np.asarray(pair), logits[:, c], atol=1e-5)
+    assert not np.allclose(np.asarray(scoring.score(model, img_side, cls_side, 1.0)),
+                           np.asarray(scoring.score(model, img_side, cls_side, 5.0)), atol=1e-4)
     # several templates: query = mean of q, target = normalise(mean of normalised z)
     tmpl = ["a {c}.", "the {c}!", "itap of a {c}"]
     cls_side = zeroshot.build_classifier(model, scoring, names, tmpl, tok, batch_size=4)
     q, z = model.encode_text_query(jnp.asarray(tok([t.replace("{c}", n) for n in names for t in tmpl])))
-    q = np.asarray(q).reshape(4, 3, -1).mean(1)
+    q = np.asarray(q).reshape(4, 3, *q.shape[1:]).mean(1)
     z = np.asarray(z).reshape(4, 3, -1)
     z = (z / np.linalg.norm(z, axis=-1, keepdims=True)).mean(1)
-    np.testing.assert_allclose(np.asarray(cls_side[0]), q, atol=1e-5)
     z = z / np.linalg.norm(z, axis=-1, keepdims=True)
+    np.testing.assert_allclose(np.asarray(cls_side[0]), q, atol=1e-5)
     np.testing.assert_allclose(np.asarray(cls_side[1]), z, atol=1e-5)
-    # chunked Llip retrieval equals the full score matrix
+    # chunked Llip retrieval equals the ranks from the full score matrix
     text_side = scoring.text_embed(model, jnp.asarray(tok(["a", "b c", "d", "e f g", "h", "i", "j"])))
     owner = np.array([0, 0, 1, 2, 3, 4, 4], np.int32)
     host = jax.tree.map(np.asarray, (img_side, text_side))
     ranks = retrieval.retrieval_ranks_chunked(model, scoring, host[0], host[1], owner, image_chunk=2,
                                               text_chunk=3, temperature=3.0)
     full = np.asarray(scoring.score(model, img_side, text_side, 3.0))
+    want = numpy_llip_score(kmat, vmat, _merge_heads(text_side[0]), np.asarray(text_side[1], np.float64),
+                            w_o, 3.0, heads)
+    np.testing.assert_allclose(full, want, atol=1e-4)
     for a, b in zip(ranks, metrics.retrieval_ranks(full, owner)):
         np.testing.assert_array_equal(a, b)
-    z = llip_attend(img_side[0], img_side[1], text_side[0], model.out_proj[...], 3.0, 4)
-    assert z.shape == (5, 7, 16)
 
 
 # ------------------------------------------------------------------------------------ end to end
