@@ -131,3 +131,21 @@ def test_mesh_shape_errors():
     apply_overrides(c, ["--config.data.global_batch_size=12", "--config.mesh.fsdp=4"])
     with pytest.raises(ConfigError, match="not divisible by the batch devices"):
         mesh_shape(c, 8)
+
+
+def test_data_schema_defaults_equal_the_input_pipeline_defaults():
+    """The train config's ``data`` section mirrors ``TrainDataConfig``: same fields, same defaults, so the
+    pipeline's benchmarked defaults are what training runs with."""
+    import dataclasses
+
+    from input_pipeline import TrainDataConfig
+    from metaclip_jax.config_schema import SCHEMA
+
+    schema = {k: f for k, f in SCHEMA["data"].items() if k not in ("num_examples", "synthetic_examples")}
+    fields = {f.name: f.default for f in dataclasses.fields(TrainDataConfig)}
+    assert set(schema) == set(fields)
+    for name, default in fields.items():
+        if name in ("paths", "image_size"):  # the schema leaves these to the experiment / model preset
+            continue
+        want = tuple(default) if isinstance(default, list) else default
+        assert schema[name].default == want, name
