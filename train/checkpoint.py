@@ -206,7 +206,8 @@ class Checkpointer:
 
     def __init__(self, workdir: str, *, every_steps: int, max_to_keep: int | None = 3,
                  async_save: bool = True):
-        self.workdir = str(workdir)
+        # Orbax needs absolute paths; a relative local workdir is taken from the current directory.
+        self.workdir = str(workdir) if "://" in str(workdir) else os.path.abspath(workdir)
         self.directory = epath.Path(self.workdir) / CHECKPOINT_DIR
         self.every_steps = int(every_steps)
         options = ocp.CheckpointManagerOptions(

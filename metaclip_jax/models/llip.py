@@ -458,7 +458,7 @@ def _register() -> None:
     }
     registry.register_model_type(registry.ModelType(
         name="llip", build=_registry_build, encode=_registry_encode, loss=_registry_loss,
-        losses=("llip",), fields=fields, validate=_registry_validate))
+        losses=("llip",), model_config=llip_model_config, fields=fields, validate=_registry_validate))
 
 
 _register()
