@@ -57,7 +57,8 @@ def get_config(arg: str | None = None):
         config.model.use_norm = True           # q/k/v LayerNorm: 57.7% vs 52.7% zero-shot at 800 steps
         config.model.head_form = "auto"
         config.optimizer.b2 = 0.95
-        config.total_steps = 1200              # the sigmoid Llip head learns slower than CLIP here
+        config.total_steps = 2400              # the sigmoid Llip head learns slower than CLIP here
+        #                                        (1,200 steps: 72.2% zero-shot; 2,400: 79.8%)
 
     if quick:
         config.total_steps = 60
