@@ -23,7 +23,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx
+from flax import nnx, traverse_util
 
 from metaclip_jax.sharding import variable_logical_axes
 
@@ -78,17 +78,7 @@ def weight_decay_mask(abstract_params: nnx.State) -> dict[str, Any]:
         name = ".".join(str(p) for p in path)
         shape = tuple(var.get_value().shape if hasattr(var, "get_value") else var.value.shape)
         flat[path] = decays(name, shape, variable_logical_axes(var))
-    return _unflatten(flat)
-
-
-def _unflatten(flat: dict[tuple, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for path, v in flat.items():
-        node = out
-        for p in path[:-1]:
-            node = node.setdefault(p, {})
-        node[path[-1]] = v
-    return out
+    return traverse_util.unflatten_dict(flat)
 
 
 def make_optimizer(config: Any, abstract_params: nnx.State) -> optax.GradientTransformation:

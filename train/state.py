@@ -25,7 +25,7 @@ import flax
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx
+from flax import nnx, traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from metaclip_jax import sharding
@@ -60,20 +60,10 @@ def build_model(config: Any) -> tuple[nnx.GraphDef, nnx.State]:
     return graphdef, params
 
 
-def _flat_to_pure(flat: dict[tuple, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for path, v in flat.items():
-        node = out
-        for p in path[:-1]:
-            node = node.setdefault(p, {})
-        node[path[-1]] = v
-    return out
-
-
 def param_shardings(config: Any, mesh: Mesh, abstract_params: nnx.State) -> dict[str, Any]:
     """Pure-dict tree of NamedShardings for the params, from their logical axes and the config rules."""
     shards = sharding.tree_shardings(abstract_params, mesh, mesh_rules(config))
-    return _flat_to_pure({p: s for p, s in nnx.to_flat_state(shards)})
+    return traverse_util.unflatten_dict(dict(nnx.to_flat_state(shards)))
 
 
 def _pure_shapes(abstract_params: nnx.State) -> dict[str, Any]:
