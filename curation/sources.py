@@ -279,19 +279,28 @@ def _iter_lines(path: str, stats: SourceStats) -> Iterator[bytes]:
         stats.files["truncated_file"] += 1
 
 
+_SKIPPED = object()
+
+
+def _json_line(line: bytes, stats: SourceStats) -> Any:
+    """One JSON value, or ``_SKIPPED`` after counting the line as a skipped row (non-UTF-8 or not JSON)."""
+    try:
+        return json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError:
+        reason = "non_utf8"
+    except ValueError:
+        reason = "bad_json"
+    stats.rows_seen += 1
+    stats.skipped_rows[reason] += 1
+    return _SKIPPED
+
+
 def read_jsonl(path: str, cfg: SourceConfig, stats: SourceStats) -> Iterator[dict[str, Any]]:
     for line in _iter_lines(path, stats):
         if not line.strip():
             continue
-        try:
-            obj = json.loads(line.decode("utf-8"))
-        except UnicodeDecodeError:
-            stats.rows_seen += 1
-            stats.skipped_rows["non_utf8"] += 1
-            continue
-        except ValueError:
-            stats.rows_seen += 1
-            stats.skipped_rows["bad_json"] += 1
+        obj = _json_line(line, stats)
+        if obj is _SKIPPED:
             continue
         if not isinstance(obj, dict):
             stats.rows_seen += 1
@@ -441,15 +450,8 @@ def read_wat(path: str, cfg: SourceConfig, stats: SourceStats) -> Iterator[dict[
             continue
         if not line.startswith(b"{"):
             continue
-        try:
-            obj = json.loads(line.decode("utf-8"))
-        except UnicodeDecodeError:
-            stats.rows_seen += 1
-            stats.skipped_rows["non_utf8"] += 1
-            continue
-        except ValueError:
-            stats.rows_seen += 1
-            stats.skipped_rows["bad_json"] += 1
+        obj = _json_line(line, stats)
+        if obj is _SKIPPED:
             continue
         for link in _wat_links(obj):
             if not isinstance(link, dict) or not str(link.get("path", "")).startswith("IMG@/src"):
