@@ -146,5 +146,19 @@ class Evaluator:
             return True
         return bool(self.every_steps) and step > 0 and step % int(self.every_steps) == 0
 
+    scoring: Any = None
+    temperatures: tuple[float, ...] | None = None
+
+    def model_scoring_temperatures(self, model_or_params: Any) -> tuple[Any, Any, tuple[float | None, ...]]:
+        """The model, its scoring adapter and the attention temperatures to sweep ((None,) = default)."""
+        from evaluate.scoring import scoring_for
+
+        model = as_model(model_or_params, self.graphdef)
+        scoring = self.scoring or scoring_for(model)
+        temps: tuple[float | None, ...] = (None,)
+        if scoring.has_temperature and self.temperatures:
+            temps = tuple(self.temperatures)
+        return model, scoring, temps
+
     def run(self, model_or_params: Any, progress: bool = False) -> dict[str, float]:
         raise NotImplementedError

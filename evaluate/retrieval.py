@@ -29,7 +29,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from evaluate import common, metrics, tasks
-from evaluate.scoring import ScoringModel, scoring_for
+from evaluate.scoring import ScoringModel
 
 
 def _pad_rows(tree: Any, n: int) -> Any:
@@ -191,11 +191,7 @@ class RetrievalEvaluator(common.Evaluator):
         self.graphdef = graphdef
 
     def run(self, model_or_params: Any, progress: bool = False) -> dict[str, float]:
-        model = common.as_model(model_or_params, self.graphdef)
-        scoring = self.scoring or scoring_for(model)
-        temps: tuple[float | None, ...] = (None,)
-        if scoring.has_temperature and self.temperatures:
-            temps = self.temperatures
+        model, scoring, temps = self.model_scoring_temperatures(model_or_params)
         bars: list[Any] = []
 
         def bar(total: int, desc: str, unit: str) -> Any:

@@ -30,7 +30,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from evaluate import common, metrics, tasks
-from evaluate.scoring import ScoringModel, scoring_for
+from evaluate.scoring import ScoringModel
 
 
 @functools.lru_cache(maxsize=32)
@@ -218,11 +218,7 @@ class ZeroShotEvaluator(common.Evaluator):
     def run(self, model_or_params: Any, progress: bool = False) -> dict[str, float]:
         from input_pipeline.eval_data import make_eval_iterator
 
-        model = common.as_model(model_or_params, self.graphdef)
-        scoring = self.scoring or scoring_for(model)
-        temps: tuple[float | None, ...] = (None,)
-        if scoring.has_temperature and self.temperatures:
-            temps = self.temperatures
+        model, scoring, temps = self.model_scoring_temperatures(model_or_params)
         pbar_t = pbar_i = None
         if progress:
             from tqdm.auto import tqdm
