@@ -9,8 +9,9 @@ record, msgpack-decode it, draw a caption, decode the JPEG, RandomResizedCrop(0.
 worker (full decode, crop, resize, float32 normalise); ours is the Grain pipeline (reduced-size JPEG decode,
 uint8 output normalised on device). Rows report wall-clock images/s and images per CPU-second (all threads and
 worker processes of the loader), which is images/s per fully used core and does not move with the load of
-other jobs on a shared machine; the last line is the headline ratio of ours (worker_count=0) to the plain loop
-in images per CPU-second.
+other jobs on a shared machine, and the fidelity of each row's transform: mean |difference| in 8-bit levels
+from torchvision's exact RandomResizedCrop pixels (the plain loop) on the same crops. The last line is the
+headline ratio of ours (worker_count=0) to the plain loop in images per CPU-second.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def _build_records(folder: str, n_generated: int, synthetic_only: bool = False):
         origin = f"{n_generated} generated 640x480 JPEGs"
     sizes = [len(r.image) for r in recs]
     paths = synthetic.write_shards(folder, recs, 1, prefix="bench")
-    return paths, origin, float(np.mean(sizes))
+    return paths, origin, float(np.mean(sizes)), [r.image for r in recs]
 
 
 def _cpu_seconds() -> float:
@@ -125,6 +126,27 @@ def plain_loop(paths, batch_size: int, n_batches: int, seed: int = 0) -> tuple[f
     return n / t.wall, n / t.cpu
 
 
+_TRANSFORM_KEYS = {"draft_decode": "draft", "draft_min_scale": "draft_min_scale",
+                   "resize_backend": "resize_backend", "jpeg_decoder": "jpeg_decoder"}
+
+
+def fidelity(images: list[bytes], kw: dict | None) -> float:
+    """Mean |ours - torchvision| in 8-bit levels over ``images``, same crop draws (0 for the plain loop)."""
+    from input_pipeline import train_data, transforms
+
+    if kw is None:
+        return 0.0
+    cfg = train_data.TrainDataConfig(**{k: v for k, v in kw.items() if k in _TRANSFORM_KEYS})
+    mine = {arg: getattr(cfg, key) for key, arg in _TRANSFORM_KEYS.items()}
+    exact = dict(draft=False, resize_backend="pil", jpeg_decoder="pil")
+    diffs = []
+    for i, data in enumerate(images):
+        a = transforms.train_image(data, 224, train_data.example_rng(0, 0, i), **mine)
+        b = transforms.train_image(data, 224, train_data.example_rng(0, 0, i), **exact)
+        diffs.append(np.abs(a.astype(np.int16) - b.astype(np.int16)).mean())
+    return float(np.mean(diffs))
+
+
 def ours(paths, batch_size: int, n_batches: int, **kw) -> tuple[float, float]:
     from input_pipeline import train_data
 
@@ -150,7 +172,7 @@ def main(argv=None) -> int:
     batch = 32
     n_batches, rounds = (4, 2) if args.quick else (16, 3)
     with tempfile.TemporaryDirectory() as tmp:
-        paths, origin, mean_bytes = _build_records(tmp, 128 if args.quick else 256, args.synthetic)
+        paths, origin, mean_bytes, images = _build_records(tmp, 128 if args.quick else 256, args.synthetic)
         print(f"data: {origin}; mean JPEG {mean_bytes / 1024:.0f} KiB; batch {batch}, {n_batches} timed "
               f"batches per row, best of {rounds} interleaved rounds; os.cpu_count()={os.cpu_count()}")
         variants = [
@@ -159,6 +181,7 @@ def main(argv=None) -> int:
             ("ours, workers=0, float32", 1, dict(worker_count=0, image_dtype="float32")),
             ("ours, workers=0, uint8, draft_min_scale=1.0", 1, dict(worker_count=0, draft_min_scale=1.0)),
             ("ours, workers=0, uint8, resize_backend=pil", 1, dict(worker_count=0, resize_backend="pil")),
+            ("ours, workers=0, uint8, jpeg_decoder=pil", 1, dict(worker_count=0, jpeg_decoder="pil")),
             ("ours, workers=0, uint8, no draft, pil resize", 1,
              dict(worker_count=0, draft_decode=False, resize_backend="pil")),
             ("ours, workers=1, uint8 (defaults)", 1, dict(worker_count=1)),
@@ -171,12 +194,14 @@ def main(argv=None) -> int:
                 n = n_batches * ((2 if args.quick else 3) if kw and kw.get("worker_count") else 1)
                 rate = plain_loop(paths, batch, n) if kw is None else ours(paths, batch, n, **kw)
                 best[k] = (max(best[k][0], rate[0]), max(best[k][1], rate[1]))
+        fid = [fidelity(images[:64] if args.quick else images, kw) for _, _, kw in variants]
     base = best[0][1]
     print("img/s: wall clock; img/cpu-s: images per CPU-second of the loader (all its threads and worker")
     print("processes), i.e. images/s per fully used core, robust to neighbours' load. Ratios use img/cpu-s.")
-    print(f"{'pipeline':48s} {'cores':>5s} {'img/s':>8s} {'img/cpu-s':>10s} {'vs plain':>9s}")
-    for (name, cores, _), (wall, per_cpu) in zip(variants, best):
-        print(f"{name:48s} {cores:5d} {wall:8.1f} {per_cpu:10.1f} {per_cpu / base:8.2f}x")
+    print("|diff|: mean absolute difference from torchvision's RandomResizedCrop pixels, in 8-bit levels.")
+    print(f"{'pipeline':48s} {'cores':>5s} {'img/s':>8s} {'img/cpu-s':>10s} {'vs plain':>9s} {'|diff|':>7s}")
+    for (name, cores, _), (wall, per_cpu), f in zip(variants, best, fid):
+        print(f"{name:48s} {cores:5d} {wall:8.1f} {per_cpu:10.1f} {per_cpu / base:8.2f}x {f:7.2f}")
     print(f"headline: speedup_vs_plain_loop {best[1][1] / base:.2f} x (target 2.0)")
     return 0
 

@@ -59,10 +59,11 @@ class TrainDataConfig:
     scale: tuple[float, float] = (0.9, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     image_dtype: str = "uint8"               # "uint8" (normalise on device) or "float32" (normalised here)
-    draft_decode: bool = True                # reduced-size JPEG decode (PIL draft) when the crop allows
+    draft_decode: bool = True                # reduced-size JPEG decode (DCT scaling) when the crop allows
     draft_min_scale: float = 0.9             # JPEG decode scale keeps the crop >= this * image_size (1.0:
                                              # never upsample; 0.9 lets 640x480 photos decode at 1/2)
     resize_backend: str = "auto"             # "pil" | "cv2" | "auto" (cv2 when installed), see transforms
+    jpeg_decoder: str = "auto"               # "simplejpeg" | "pil" | "auto" (simplejpeg when installed)
     max_pixels: int = transforms.DEFAULT_MAX_PIXELS
     worker_count: int = 0                    # Grain worker processes (0: decode in the main process)
     worker_buffer_size: int = 2              # batches buffered per worker
@@ -89,6 +90,8 @@ class TrainDataConfig:
             raise ValueError("global_batch_size must be positive")
         if self.resize_backend not in ("auto", "pil", "cv2"):
             raise ValueError(f"resize_backend must be 'auto', 'pil' or 'cv2', got {self.resize_backend!r}")
+        if self.jpeg_decoder not in ("auto", "pil", "simplejpeg"):
+            raise ValueError(f"jpeg_decoder must be 'auto', 'pil' or 'simplejpeg', got {self.jpeg_decoder!r}")
         if self.tokenizer not in ("clip", "bytes"):
             raise ValueError(f"tokenizer must be 'clip' or 'bytes', got {self.tokenizer!r}")
 
@@ -178,7 +181,7 @@ class _DecodeExample(grain.transforms.Map):
             image = transforms.train_image(rec.image, cfg.image_size, rng, scale=tuple(cfg.scale),
                                            ratio=tuple(cfg.ratio), max_pixels=cfg.max_pixels,
                                            draft=cfg.draft_decode, draft_min_scale=cfg.draft_min_scale,
-                                           resize_backend=cfg.resize_backend)
+                                           resize_backend=cfg.resize_backend, jpeg_decoder=cfg.jpeg_decoder)
         except transforms.ImageTooLarge:
             return _skip("too_large")
         except Exception as e:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError...

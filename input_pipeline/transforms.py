@@ -7,8 +7,9 @@ All functions are pure: randomness comes in as a ``np.random.Generator`` derived
 - ``random_resized_crop_params``: torchvision's ``RandomResizedCrop.get_params`` (10 attempts, then the
   centre-crop fallback), drawn from a numpy Generator.
 - ``train_image``: decode + RandomResizedCrop(scale=(0.9, 1), ratio=(3/4, 4/3), bicubic) -> uint8 [S, S, 3].
-  JPEGs much larger than the crop are decoded at 1/2, 1/4 or 1/8 scale (PIL ``draft``, DCT-domain
-  downscaling): the crop box is mapped to the reduced image and the resize is done from there.
+  JPEGs much larger than the crop are decoded at 1/2, 1/4 or 1/8 scale (libjpeg-turbo DCT-domain
+  downscaling, through simplejpeg or PIL ``draft``): the crop box is mapped to the reduced image and the
+  resize is done from there.
 - ``eval_image``: resize the shortest side to S (bicubic) + centre crop -> uint8 [S, S, 3].
 
 The model normalises on device with ``OPENAI_MEAN`` / ``OPENAI_STD``; ``normalize`` is the host-side
@@ -28,6 +29,7 @@ OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own default bomb limit (~ 0.25 GiB of RGBA)
+CV2_AREA_ABOVE = 1.25  # cv2 resizes shrinking the crop's short side by more than this use INTER_AREA
 
 
 class ImageTooLarge(ValueError):
@@ -101,60 +103,135 @@ def random_resized_crop_params(width: int, height: int, rng: np.random.Generator
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def _draft_request(full_w: int, full_h: int, box_w: float, box_h: float, size: int,
-                   min_scale: float) -> tuple[int, int] | None:
-    """The draft() size request that keeps the crop box >= ``min_scale * size`` pixels on each side."""
-    need = min_scale * size
-    factor = min(box_w / need, box_h / need)
-    if factor < 2:
+def _decode_divisor(box_w: float, box_h: float, size: int, min_scale: float) -> int:
+    """The largest JPEG DCT scale divisor (1, 2, 4, 8) keeping the crop box >= ``min_scale * size`` a side.
+
+    libjpeg-turbo can also decode at 3/8, 5/8, 3/4, 7/8, but those scaled IDCTs have no SIMD: on smooth
+    images they decode slower than 8/8, and their output is further from the reference pixels.
+    """
+    divisor = 1
+    while divisor < 8 and min(box_w, box_h) / (2 * divisor) >= min_scale * size:
+        divisor *= 2
+    return divisor
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) of a JPEG simplejpeg should decode, else None (PIL decodes it).
+
+    Only YCbCr and greyscale JPEGs: TurboJPEG converts CMYK/YCCK to RGB too, but rounds differently from
+    PIL's conversion (off by one level), and the two decoders must agree.
+    """
+    sj = _simplejpeg()
+    if sj is None or data[:2] != b"\xff\xd8":
         return None
-    return (max(1, math.ceil(full_w / factor)), max(1, math.ceil(full_h / factor)))
+    try:
+        h, w, colorspace, _ = sj.decode_jpeg_header(data)
+    except ValueError:
+        return None
+    return (w, h) if w > 0 and h > 0 and colorspace in ("YCbCr", "Gray") else None
+
+
+def _decode_jpeg_scaled(data: bytes, full_w: int, full_h: int, divisor: int) -> np.ndarray | None:
+    """libjpeg-turbo decode at 1/``divisor`` (DCT scaling) straight to RGB numpy; None if it refuses.
+
+    ``strict=True`` turns libjpeg's recoverable warnings (a truncated file, corrupt entropy data) into an
+    error, so anything doubtful falls back to PIL, which then decodes it or raises as it always did.
+    """
+    try:
+        return _simplejpeg().decode_jpeg(data, colorspace="RGB", strict=True,
+                                         min_width=-(-full_w // divisor),
+                                         min_height=-(-full_h // divisor))
+    except Exception:  # any refusal means "let PIL decide"
+        return None
 
 
 def train_image(data: bytes, size: int, rng: np.random.Generator, *,
                 scale: tuple[float, float] = (0.9, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3),
                 max_pixels: int = DEFAULT_MAX_PIXELS, draft: bool = True,
-                draft_min_scale: float = 1.0, resize_backend: str = "auto") -> np.ndarray:
+                draft_min_scale: float = 1.0, resize_backend: str = "auto",
+                jpeg_decoder: str = "auto") -> np.ndarray:
     """Decode + RandomResizedCrop + bicubic resize -> uint8 [size, size, 3].
 
-    With ``draft`` a JPEG whose crop box is at least 2x the target on both sides is decoded at the largest
-    1/2^k scale that keeps the box >= ``draft_min_scale * size`` pixels; the crop box is computed on the
-    full-resolution header size first, so the random draws do not depend on the decode scale.
+    With ``draft`` a JPEG is decoded at the largest 1/2^k scale (k <= 3) that keeps the crop box
+    >= ``draft_min_scale * size`` pixels a side; the crop box is drawn on the full-resolution header size
+    first, so the random draws do not depend on the decode scale.
+    ``jpeg_decoder``: "simplejpeg" (libjpeg-turbo straight to numpy; anything it refuses, e.g. CMYK or a
+    truncated file, goes to PIL, which decodes it or raises as usual), "pil", or "auto" (simplejpeg when
+    installed). Both run libjpeg-turbo with the same settings: equal pixels at equal scale (PIL's ``draft``
+    rounds the scaled size down, so it sometimes keeps a larger scale).
     ``resize_backend``: "pil" (PIL bicubic, antialiased; without a draft decode the output equals
     torchvision's ``resized_crop`` on the PIL image; after one the sub-pixel crop box is resized directly),
-    "cv2" (OpenCV bicubic for downscales under 2x, box rounded to pixels; PIL above) or "auto" (cv2 when
-    installed).
+    "cv2" (OpenCV on the pixel-rounded box: bicubic up to a 1.25x shrink, area averaging beyond) or "auto"
+    (cv2 when installed).
     """
-    img = _open(data, max_pixels)
-    full_w, full_h = img.size
+    if jpeg_decoder not in ("auto", "simplejpeg", "pil"):
+        raise ValueError(f"jpeg_decoder must be 'auto', 'simplejpeg' or 'pil', got {jpeg_decoder!r}")
+    if jpeg_decoder == "simplejpeg" and _simplejpeg() is None:
+        raise ImportError("jpeg_decoder='simplejpeg' needs the simplejpeg package")
+    jpeg = _jpeg_size(data) if jpeg_decoder != "pil" else None
+    img = None
+    if jpeg is None:
+        img = _open(data, max_pixels)
+        full_w, full_h = img.size
+    else:
+        full_w, full_h = jpeg
+        if full_w * full_h > max_pixels:
+            raise ImageTooLarge(f"{full_w}x{full_h} = {full_w * full_h} pixels > max_pixels {max_pixels}")
     top, left, h, w = random_resized_crop_params(full_w, full_h, rng, scale, ratio)
-    if draft and img.format == "JPEG":
-        req = _draft_request(full_w, full_h, w, h, size, draft_min_scale)
-        if req is not None:
-            img.draft("RGB", req)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        img.load()
-    img = _to_rgb(img)
-    sx, sy = img.size[0] / full_w, img.size[1] / full_h
+    divisor = _decode_divisor(w, h, size, draft_min_scale) if draft else 1
+    arr = _decode_jpeg_scaled(data, full_w, full_h, divisor) if jpeg is not None else None
+    if arr is None:
+        if img is None:
+            img = _open(data, max_pixels)
+        if divisor > 1 and img.format == "JPEG":
+            img.draft("RGB", (-(-full_w // divisor), -(-full_h // divisor)))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img.load()
+        img = _to_rgb(img)
+        dec_w, dec_h = img.size
+    else:
+        dec_h, dec_w = arr.shape[:2]
+    sx, sy = dec_w / full_w, dec_h / full_h
     box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
     cv2 = _cv2() if resize_backend in ("auto", "cv2") else None
     if resize_backend == "cv2" and cv2 is None:
         raise ImportError("resize_backend='cv2' needs opencv-python-headless")
-    if cv2 is not None and max(box[2] - box[0], box[3] - box[1]) < 2 * size:
-        # Mild downscale (< 2x, e.g. after a draft decode): OpenCV's SIMD bicubic is ~5x faster than PIL's
-        # and needs no antialiasing at this ratio. Larger ratios keep PIL's antialiased bicubic.
-        arr = np.asarray(img)
+    if cv2 is not None:
+        # OpenCV: bicubic near 1:1 (e.g. after a reduced-size decode), where antialiasing is moot; area
+        # averaging for real downscales, the antialiased filter closest to PIL's antialiased bicubic
+        # (mean |diff| ~1 level where plain bicubic aliases at ~4). 2-10x faster than PIL's resize.
+        if arr is None:
+            arr = np.asarray(img)
         x0, y0 = round(box[0]), round(box[1])
         x1, y1 = max(x0 + 1, round(box[2])), max(y0 + 1, round(box[3]))
-        return cv2.resize(arr[y0:y1, x0:x1], (size, size), interpolation=cv2.INTER_CUBIC)
-    if img.size == (full_w, full_h):
+        shrink = min(x1 - x0, y1 - y0) / size
+        interpolation = cv2.INTER_AREA if shrink > CV2_AREA_ABOVE else cv2.INTER_CUBIC
+        return cv2.resize(arr[y0:y1, x0:x1], (size, size), interpolation=interpolation)
+    if arr is not None:
+        img = Image.fromarray(arr)
+    if (dec_w, dec_h) == (full_w, full_h):
         # Full-resolution decode: crop, then resize, exactly like torchvision's resized_crop on PIL images
         # (a resize ``box`` would also read the pixels just outside the crop at its edges).
         out = img.crop((left, top, left + w, top + h)).resize((size, size), Image.Resampling.BICUBIC)
     else:
         out = img.resize((size, size), Image.Resampling.BICUBIC, box=box)
     return np.asarray(out, dtype=np.uint8)
+
+
+_SIMPLEJPEG: list = []
+
+
+def _simplejpeg():
+    """simplejpeg if installed, else None."""
+    if not _SIMPLEJPEG:
+        try:
+            import simplejpeg
+
+            _SIMPLEJPEG.append(simplejpeg)
+        except ImportError:
+            _SIMPLEJPEG.append(None)
+    return _SIMPLEJPEG[0]
 
 
 _CV2: list = []

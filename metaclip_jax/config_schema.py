@@ -118,6 +118,7 @@ SCHEMA: dict[str, Any] = {
         "draft_decode": _f(bool, True),
         "draft_min_scale": _f(float, 0.9, **_pos),
         "resize_backend": _f(str, "auto", choices=("auto", "pil", "cv2")),
+        "jpeg_decoder": _f(str, "auto", choices=("auto", "pil", "simplejpeg")),
         "max_pixels": _f(int, 89_478_485, **_pos),
         "worker_count": _f(int, 0, **_nonneg),
         "worker_buffer_size": _f(int, 2, **_pos),

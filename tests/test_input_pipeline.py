@@ -72,6 +72,62 @@ def test_fast_decode_paths_are_close_to_full_decode(width, min_scale, backend):
     assert np.abs(full.astype(int) - fast.astype(int)).mean() < 6
 
 
+@pytest.mark.parametrize("width,draft", [(1024, True), (1024, False), (300, True)])
+def test_simplejpeg_and_pil_decoders_give_equal_pixels(width, draft):
+    """Both run libjpeg-turbo: at the same DCT scale (1/4 for 1024 px, 1/1 otherwise) the pixels are equal."""
+    data = synthetic.synthetic_image(width, width * 3 // 4, seed=6)
+    kw = dict(draft=draft, draft_min_scale=1.0, resize_backend="pil")
+    fast = transforms.train_image(data, 224, np.random.default_rng(4), jpeg_decoder="simplejpeg", **kw)
+    ref = transforms.train_image(data, 224, np.random.default_rng(4), jpeg_decoder="pil", **kw)
+    np.testing.assert_array_equal(fast, ref)
+
+
+def test_simplejpeg_refusals_fall_back_to_pil():
+    """CMYK (TurboJPEG's conversion rounds differently) decodes through PIL; a truncated file still fails
+    as it does in PIL."""
+    cmyk = synthetic.synthetic_image(300, 200, seed=2, mode="CMYK")
+    assert transforms._jpeg_size(cmyk) is None
+    assert transforms._jpeg_size(synthetic.synthetic_image(300, 200, seed=2, mode="L")) == (300, 200)
+    for backend in ("pil", "cv2"):
+        got = transforms.train_image(cmyk, 64, np.random.default_rng(1), jpeg_decoder="simplejpeg",
+                                     resize_backend=backend)
+        want = transforms.train_image(cmyk, 64, np.random.default_rng(1), jpeg_decoder="pil",
+                                      resize_backend=backend)
+        np.testing.assert_array_equal(got, want)
+    jpeg = synthetic.synthetic_image(300, 200, seed=2)
+    assert transforms._decode_jpeg_scaled(jpeg[: len(jpeg) // 2], 300, 200, 1) is None
+    with pytest.raises(OSError):
+        transforms.train_image(jpeg[: len(jpeg) // 2], 64, np.random.default_rng(1), jpeg_decoder="pil")
+    with pytest.raises(OSError):
+        transforms.train_image(jpeg[: len(jpeg) // 2], 64, np.random.default_rng(1),
+                               jpeg_decoder="simplejpeg")
+
+
+def test_jpeg_bomb_is_refused_from_the_header():
+    data = synthetic.synthetic_image(400, 300, seed=3)
+    for decoder in ("simplejpeg", "pil"):
+        with pytest.raises(transforms.ImageTooLarge):
+            transforms.train_image(data, 32, np.random.default_rng(0), max_pixels=100_000,
+                                   jpeg_decoder=decoder)
+
+
+def test_cv2_area_resize_is_close_to_antialiased_pil_on_big_shrinks():
+    """A 4x shrink: plain bicubic would alias; area averaging stays within ~1 level of PIL's antialiased
+    bicubic (the torchvision pixels)."""
+    data = synthetic.synthetic_image(1024, 768, seed=8)
+    want = transforms.train_image(data, 224, np.random.default_rng(2), draft=False, resize_backend="pil")
+    got = transforms.train_image(data, 224, np.random.default_rng(2), draft=False, resize_backend="cv2")
+    diff = np.abs(want.astype(int) - got.astype(int))
+    assert diff.mean() < 1.5, diff.mean()
+
+
+def test_decode_divisor_keeps_the_crop_above_min_scale():
+    assert transforms._decode_divisor(609, 440, 224, 0.9) == 2    # 220 px >= 201.6 at 1/2
+    assert transforms._decode_divisor(609, 440, 224, 1.0) == 1    # 220 < 224: never upsample
+    assert transforms._decode_divisor(1000, 900, 224, 1.0) == 4   # 225 px at 1/4
+    assert transforms._decode_divisor(4000, 3000, 224, 1.0) == 8  # 1/8 is libjpeg's smallest scale
+
+
 def test_eval_image_short_side_and_centre_crop():
     img = Image.fromarray(np.tile(np.arange(200, dtype=np.uint8)[None, :, None], (100, 1, 3)))
     buf = io.BytesIO()
@@ -293,3 +349,26 @@ def test_transforms_match_torchvision_on_pil():
     want = np.asarray(tvf.resized_crop(img, top, left, h, w, [64, 64], InterpolationMode.BICUBIC))
     got = transforms.train_image(data, 64, np.random.default_rng(5), draft=False, resize_backend="pil")
     np.testing.assert_array_equal(got, want)
+
+
+COCO_MINI = __import__("pathlib").Path(__file__).resolve().parents[1].parent / "shared" / "data" / "coco_mini"
+
+
+@pytest.mark.skipif(not (COCO_MINI / "captions.json").exists(), reason="../shared/data/coco_mini not present")
+def test_real_jpegs_simplejpeg_equals_pil_and_fast_path_stays_close():
+    """Real COCO photos: equal pixels from both decoders at full scale; the default fast path (1/2-scale
+    decode, OpenCV resize) stays within a few levels of torchvision's pixels on the same crops."""
+    import json
+
+    items = json.loads((COCO_MINI / "captions.json").read_text())[:40]
+    diffs = []
+    for i, it in enumerate(items):
+        data = (COCO_MINI / it["file"]).read_bytes()
+        exact = dict(draft=False, resize_backend="pil")
+        rng = train_data.example_rng
+        a = transforms.train_image(data, 224, rng(0, 0, i), jpeg_decoder="simplejpeg", **exact)
+        b = transforms.train_image(data, 224, rng(0, 0, i), jpeg_decoder="pil", **exact)
+        np.testing.assert_array_equal(a, b)
+        fast = transforms.train_image(data, 224, rng(0, 0, i), draft_min_scale=0.9)
+        diffs.append(np.abs(fast.astype(int) - b.astype(int)).mean())
+    assert np.mean(diffs) < 4.5, np.mean(diffs)
