@@ -325,7 +325,8 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
                     chrono.resume()
                 if nan_step is not None and step + 1 == int(nan_step):
                     state = _poison(state)
-                state, step_metrics = run_step(state, batch)
+                with jax.transfer_guard("disallow"):  # spec §6.14: no implicit host<->device copies
+                    state, step_metrics = run_step(state, batch)
                 step += 1
                 if on_cpu:
                     jax.block_until_ready(step_metrics)
