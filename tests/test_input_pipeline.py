@@ -332,6 +332,37 @@ def test_config_rejects_unknown_keys_and_expands_globs(shards, tmp_path):
         train_data.expand_paths(str(tmp_path / "*.array_record"))
 
 
+def test_remote_globs_expand_through_epath(monkeypatch, tmp_path):
+    """gs:// globs go to etils.epath from the first component with a wildcard; results sorted, scheme kept."""
+    import pathlib
+
+    from etils import epath
+
+    names = ("b/train-00001.array_record", "b/train-00000.array_record", "b/other.txt", "c/x.array_record")
+    for name in names:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    calls = []
+
+    class FakeGcsPath:
+        def __init__(self, path: str):
+            self.path = path
+
+        def glob(self, pattern: str):
+            calls.append((self.path, pattern))
+            local = pathlib.Path(self.path.replace("gs://bucket", str(tmp_path)))
+            return [FakeGcsPath(str(p).replace(str(tmp_path), "gs://bucket")) for p in local.glob(pattern)]
+
+        def __str__(self) -> str:
+            return self.path
+
+    monkeypatch.setattr(epath, "Path", FakeGcsPath)
+    got = train_data.expand_paths("gs://bucket/b/train-*.array_record,gs://bucket/*/x.array_record")
+    assert got == ["gs://bucket/b/train-00000.array_record", "gs://bucket/b/train-00001.array_record",
+                   "gs://bucket/c/x.array_record"]
+    assert calls == [("gs://bucket/b", "train-*.array_record"), ("gs://bucket", "*/x.array_record")]
+
+
 @pytest.mark.reference
 def test_transforms_match_torchvision_on_pil():
     from tests.reference import import_open_clip
