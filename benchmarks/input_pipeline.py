@@ -130,20 +130,26 @@ _TRANSFORM_KEYS = {"draft_decode": "draft", "draft_min_scale": "draft_min_scale"
                    "resize_backend": "resize_backend", "jpeg_decoder": "jpeg_decoder"}
 
 
-def fidelity(images: list[bytes], kw: dict | None) -> float:
-    """Mean |ours - torchvision| in 8-bit levels over ``images``, same crop draws (0 for the plain loop)."""
+def _crops(images: list[bytes], **transform_kw) -> list[np.ndarray]:
+    """Every image through ``train_image`` at 224 px with the pipeline's crop draws for (seed 0, epoch 0)."""
     from input_pipeline import train_data, transforms
+
+    return [transforms.train_image(data, 224, train_data.example_rng(0, 0, i), **transform_kw)
+            for i, data in enumerate(images)]
+
+
+def fidelity(images: list[bytes], exact: list[np.ndarray], kw: dict | None) -> float:
+    """Mean |ours - torchvision| in 8-bit levels over ``images``, same crop draws (0 for the plain loop).
+
+    ``exact``: torchvision's pixels for the same crops (``_crops`` with the exact settings), computed once.
+    """
+    from input_pipeline import train_data
 
     if kw is None:
         return 0.0
     cfg = train_data.TrainDataConfig(**{k: v for k, v in kw.items() if k in _TRANSFORM_KEYS})
-    mine = {arg: getattr(cfg, key) for key, arg in _TRANSFORM_KEYS.items()}
-    exact = dict(draft=False, resize_backend="pil", jpeg_decoder="pil")
-    diffs = []
-    for i, data in enumerate(images):
-        a = transforms.train_image(data, 224, train_data.example_rng(0, 0, i), **mine)
-        b = transforms.train_image(data, 224, train_data.example_rng(0, 0, i), **exact)
-        diffs.append(np.abs(a.astype(np.int16) - b.astype(np.int16)).mean())
+    mine = _crops(images, **{arg: getattr(cfg, key) for key, arg in _TRANSFORM_KEYS.items()})
+    diffs = [np.abs(a.astype(np.int16) - b.astype(np.int16)).mean() for a, b in zip(mine, exact, strict=True)]
     return float(np.mean(diffs))
 
 
@@ -194,7 +200,9 @@ def main(argv=None) -> int:
                 n = n_batches * ((2 if args.quick else 3) if kw and kw.get("worker_count") else 1)
                 rate = plain_loop(paths, batch, n) if kw is None else ours(paths, batch, n, **kw)
                 best[k] = (max(best[k][0], rate[0]), max(best[k][1], rate[1]))
-        fid = [fidelity(images[:64] if args.quick else images, kw) for _, _, kw in variants]
+        images = images[:64] if args.quick else images
+        exact = _crops(images, draft=False, resize_backend="pil", jpeg_decoder="pil")
+        fid = [fidelity(images, exact, kw) for _, _, kw in variants]
     base = best[0][1]
     print("img/s: wall clock; img/cpu-s: images per CPU-second of the loader (all its threads and worker")
     print("processes), i.e. images/s per fully used core, robust to neighbours' load. Ratios use img/cpu-s.")

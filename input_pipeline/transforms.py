@@ -18,6 +18,8 @@ equivalent for pipelines that want float32.
 
 from __future__ import annotations
 
+import functools
+import importlib
 import io
 import math
 import warnings
@@ -36,13 +38,18 @@ class ImageTooLarge(ValueError):
     """The image header declares more pixels than allowed (decompression bomb guard)."""
 
 
+def _check_pixels(w: int, h: int, max_pixels: int) -> None:
+    """The decompression-bomb guard, applied to the header size before any pixel is decoded."""
+    if w * h > max_pixels:
+        raise ImageTooLarge(f"{w}x{h} = {w * h} pixels > max_pixels {max_pixels}")
+
+
 def _open(data: bytes, max_pixels: int) -> Image.Image:
     img = Image.open(io.BytesIO(data))
     w, h = img.size
     if w <= 0 or h <= 0:
         raise OSError(f"image with empty size {w}x{h}")
-    if w * h > max_pixels:
-        raise ImageTooLarge(f"{w}x{h} = {w * h} pixels > max_pixels {max_pixels}")
+    _check_pixels(w, h, max_pixels)
     return img
 
 
@@ -175,8 +182,7 @@ def train_image(data: bytes, size: int, rng: np.random.Generator, *,
         full_w, full_h = img.size
     else:
         full_w, full_h = jpeg
-        if full_w * full_h > max_pixels:
-            raise ImageTooLarge(f"{full_w}x{full_h} = {full_w * full_h} pixels > max_pixels {max_pixels}")
+        _check_pixels(full_w, full_h, max_pixels)
     top, left, h, w = random_resized_crop_params(full_w, full_h, rng, scale, ratio)
     divisor = _decode_divisor(w, h, size, draft_min_scale) if draft else 1
     arr = _decode_jpeg_scaled(data, full_w, full_h, divisor) if jpeg is not None else None
@@ -219,35 +225,26 @@ def train_image(data: bytes, size: int, rng: np.random.Generator, *,
     return np.asarray(out, dtype=np.uint8)
 
 
-_SIMPLEJPEG: list = []
+@functools.cache
+def _optional_module(name: str):
+    """The module if installed, else None (imported once per process)."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None
 
 
 def _simplejpeg():
-    """simplejpeg if installed, else None."""
-    if not _SIMPLEJPEG:
-        try:
-            import simplejpeg
-
-            _SIMPLEJPEG.append(simplejpeg)
-        except ImportError:
-            _SIMPLEJPEG.append(None)
-    return _SIMPLEJPEG[0]
+    return _optional_module("simplejpeg")
 
 
-_CV2: list = []
-
-
+@functools.cache
 def _cv2():
     """OpenCV if installed (single-threaded: the pipeline parallelises over examples), else None."""
-    if not _CV2:
-        try:
-            import cv2
-
-            cv2.setNumThreads(1)
-            _CV2.append(cv2)
-        except ImportError:
-            _CV2.append(None)
-    return _CV2[0]
+    cv2 = _optional_module("cv2")
+    if cv2 is not None:
+        cv2.setNumThreads(1)
+    return cv2
 
 
 def eval_image(data: bytes | Image.Image | np.ndarray, size: int, *,
